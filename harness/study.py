@@ -129,9 +129,10 @@ def _objective_values(spec: StudySpec, result, cfg) -> list[float]:
     for obj in spec.objectives:
         metric = obj["metric"]
         if metric.startswith("pi/"):
-            from harness.pi_cost import pi_metrics
+            from harness.pi_cost import estimate_cost
 
-            values.append(pi_metrics(cfg)[metric])
+            cost = estimate_cost(cfg)
+            values.append(cost.comm_gb if metric == "pi/comm_gb" else cost.latency_min)
         else:
             values.append(result.metrics[metric])
     return values
@@ -162,7 +163,7 @@ def run_trial(trial: optuna.Trial, spec: StudySpec, parent_run_id: str, data_cac
             "harness.preset": params.get(PRESET_KEY, spec.preset)}
     tracker = RunTracker(cfg, run_name=f"trial_{trial.number}", tags=tags, parent_run_id=parent_run_id)
     trial.set_user_attr("mlflow_run_id", tracker.start())
-    key = (cfg.data.corpus, cfg.data.tokenizer, cfg.data.vocab_size, cfg.data.context_length)
+    key = tuple(sorted(vars(cfg.data).items()))
     try:
         if key not in data_cache:
             data_cache[key] = prepare_data(cfg.data)
