@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -169,15 +170,25 @@ def _coerce(value: Any, type_hint: Any, key: str) -> Any:
         type_hint = next(a for a in get_args(type_hint) if a is not type(None))
     if isinstance(value, str) and type_hint is not str:
         value = yaml.safe_load(value)
+
+    # PyYAML (YAML 1.1) reads `1e-5` as a string because its floats need a dot, so parse such strings here
+    if type_hint is float and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if type_hint is bool and isinstance(value, bool):
         return value
     if type_hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError(f"invalid value for {key}: {value!r} is not a finite number")
         return float(value)
     if type_hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if type_hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
-    raise ValueError(f"invalid value for {key}: {value!r} is not a {type_hint.__name__}")
+    expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(type_hint, str(type_hint))
+    raise ValueError(f"invalid value for {key}: {value!r} is not {expected}")
 
 
 def _set_nested(cfg: Any, keys: list[str], value: Any, full_key: str) -> None:
