@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -97,7 +98,9 @@ def build_scheduler(optimizer, cfg: RunConfig) -> torch.optim.lr_scheduler.Lambd
 def build_model(cfg: RunConfig, vocab_size: int, device: torch.device) -> EntropyGPTForCausalLM:
     model = EntropyGPTForCausalLM(model_config_from_run(cfg, vocab_size)).to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("model %s: %.2fM parameters, %s", cfg.name, n_params / 1e6, model.config.to_json_string(use_diff=True).replace("\n", ""))
+    c = model.config
+    log.info("model %s: %.2fM parameters, n_layer=%d n_head=%d n_embd=%d T=%d vocab=%d", cfg.name, n_params / 1e6,
+             c.n_layer, c.n_head, c.n_embd, c.n_positions, c.vocab_size)
     return model
 
 
@@ -251,8 +254,9 @@ def train(
         if on_eval is not None:
             on_eval(state.step, state.last_metrics)
 
+    show_bar = sys.stderr.isatty()
     with logging_redirect_tqdm(), tqdm(total=tc.max_steps, initial=state.step, desc=cfg.name, unit="step",
-                                       leave=False, mininterval=2.0) as bar:
+                                       leave=False, mininterval=2.0, disable=not show_bar) as bar:
         while state.step < tc.max_steps:
             t0 = time.perf_counter()
             batch = next(batches).to(device)
