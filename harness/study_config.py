@@ -112,13 +112,14 @@ def _parse_param(key: str, spec: Any) -> ParamSpec:
     return param
 
 
-def _example_value(param: ParamSpec) -> Any:
-    """Return a value from the dimension, used to check the key against the config before training."""
+def _candidate_values(param: ParamSpec) -> list:
+    """Return the values to check against the config: every choice, both bounds, or the fixed value."""
     if param.type == "categorical":
-        return param.choices[0]
+        return list(param.choices)
     if param.type == "fixed":
-        return param.value
-    return int(param.low) if param.type == "int" else param.low
+        return [param.value]
+    bounds = [param.low, param.high]
+    return [int(b) for b in bounds] if param.type == "int" else bounds
 
 
 def _check_objectives(objectives: Any) -> list[dict]:
@@ -167,12 +168,12 @@ def _nest(flat: dict[str, Any]) -> dict:
 
 
 def _check_against_config(spec: StudySpec) -> None:
-    """Build one config per preset with example values, so bad keys and values fail before training."""
-    example = {p.key: _example_value(p) for p in spec.search_space}
-    presets = next((p.choices for p in spec.search_space if p.key == PRESET_KEY and p.type == "categorical"), None)
-    for preset in presets or [example.get(PRESET_KEY, spec.preset)]:
+    """Build a trial config for every candidate value, so bad keys and values fail before training."""
+    example = {p.key: _candidate_values(p)[0] for p in spec.search_space}
+    rows = [{**example, p.key: value} for p in spec.search_space for value in _candidate_values(p)]
+    for row in rows:
         try:
-            trial_config(spec, {**example, PRESET_KEY: preset})
+            trial_config(spec, row)
         except ValueError as err:
             raise ValueError(f"invalid study {spec.name!r}: {err}") from None
     for i, row in enumerate(spec.enqueue):
