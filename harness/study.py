@@ -91,7 +91,8 @@ def suggest(trial: optuna.Trial, spec: StudySpec) -> dict:
     An enqueued value outside its dimension (the unregularized reference trial, lambda = 0, on a log
     range) is used as given and stored as the user attribute `reference.<key>`, not as a sampled param.
     """
-    enqueued = trial.system_attrs.get("fixed_params", {})
+    # Optuna 5 keeps an enqueued trial's values only in its frozen trial's system attributes
+    enqueued = trial.study._storage.get_trial(trial._trial_id).system_attrs.get("fixed_params", {})
     params = {}
     for p in spec.search_space:
         if p.key in enqueued and _outside(p, enqueued[p.key]):

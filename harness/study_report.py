@@ -7,6 +7,7 @@ import logging
 import math
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import optuna
@@ -123,6 +124,7 @@ def _save_plots(study: optuna.Study, folder: Path) -> list[str]:
         "parallel_coordinate": ovm.plot_parallel_coordinate,
         "intermediate_values": ovm.plot_intermediate_values,
     }
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
     written = []
     for name, plot in plots.items():
         try:
