@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrizations
 from transformers import initialization as init
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
 from harness.attention import ATTENTION_IMPLS, causal_attention
@@ -314,7 +314,7 @@ class EntropyGPTModel(EntropyGPTPreTrainedModel):
         return self.ln_f(x), (row_entropies if need_entropy else None)
 
 
-class EntropyGPTForCausalLM(EntropyGPTPreTrainedModel):
+class EntropyGPTForCausalLM(EntropyGPTPreTrainedModel, GenerationMixin):
     """The LM: EntropyGPTModel with a tied LM head; returns CE loss and the entropy terms."""
 
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
