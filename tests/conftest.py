@@ -62,3 +62,27 @@ def random_tokens():
         return torch.randint(0, vocab, (batch, length))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def mlflow_db_template(tmp_path_factory):
+    """Create one empty MLflow SQLite store per session; MLflow's table migrations take seconds per store."""
+    from harness.tracking import make_client
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    make_client(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def mlflow_db(mlflow_db_template):
+    """Return a factory: mlflow_db(folder) copies an empty, migrated MLflow store to folder/mlflow.db."""
+    import shutil
+
+    def make(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / "mlflow.db"
+        shutil.copyfile(mlflow_db_template, target)
+        return f"sqlite:///{target}"
+
+    return make

@@ -59,7 +59,8 @@ def _child_runs(folder: Path, study: str = "micro"):
 
 
 @pytest.fixture
-def isolated(tmp_path, monkeypatch):
+def isolated(tmp_path, monkeypatch, mlflow_db):
+    mlflow_db(tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tmp_path
