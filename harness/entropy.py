@@ -34,12 +34,14 @@ COLLAPSE_FRACTION = 0.1
 def attention_entropy(probs: torch.Tensor) -> torch.Tensor:
     """Return the Shannon entropy (nats) of each row of attention probabilities, summed over the last dim.
 
-    Exact: no epsilon in the log, zero entries contribute zero (xlogy(0, 0) = 0), fp32 accumulation for
-    bf16/fp16 inputs. A one-hot row gives 0 and a fully masked (all-zero) row gives 0. Use this for
-    statistics; for a loss that needs gradients, use entropy_from_scores, whose gradient stays finite.
+    Exact: no epsilon in the log, zero entries contribute zero, fp32 accumulation for bf16/fp16 inputs.
+    A one-hot row gives 0 and a fully masked (all-zero) row gives 0. The log is taken on p > 0 only, so
+    the zero probabilities of masked keys get a zero gradient (xlogy's backward would give NaN there).
     """
     probs = probs.float()
-    return -torch.special.xlogy(probs, probs).sum(dim=-1)
+    positive = probs > 0
+    log_probs = torch.log(torch.where(positive, probs, torch.ones_like(probs)))
+    return -(probs * log_probs).sum(dim=-1)
 
 
 def entropy_from_scores(scores: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -257,6 +257,8 @@ class EntropyGPTPreTrainedModel(PreTrainedModel):
     config_class = EntropyGPTConfig
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = False
+    # forward returns the mean CE and ignores num_items_in_batch, so Trainer must scale for accumulation
+    accepts_loss_kwargs = False
     _no_split_modules = ["Block"]
 
     @torch.no_grad()
@@ -392,6 +394,12 @@ class EntropyGPTForCausalLM(EntropyGPTPreTrainedModel, GenerationMixin):
 
 AutoConfig.register(EntropyGPTConfig.model_type, EntropyGPTConfig, exist_ok=True)
 AutoModelForCausalLM.register(EntropyGPTConfig, EntropyGPTForCausalLM, exist_ok=True)
+
+# save_pretrained writes `auto_map` into config.json and copies this file next to the weights, so a process
+# that never imports harness (e.g. the stock `lm_eval` command) can load the folder with trust_remote_code=True.
+# The copy imports harness.attention and harness.entropy, so loading it still needs the harness package installed.
+EntropyGPTConfig.register_for_auto_class()
+EntropyGPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 
 def model_config_from_run(run_cfg, vocab_size: int | None = None) -> EntropyGPTConfig:
