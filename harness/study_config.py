@@ -183,6 +183,23 @@ def _check_against_config(spec: StudySpec) -> None:
             raise ValueError(f"invalid study key 'enqueue[{i}]': {err}") from None
 
 
+def _check_tasks(tasks: list[str]) -> None:
+    """Reject unknown lm-eval task names; stock names are looked up in lm-eval's registry (about 9 s)."""
+    from harness.lmeval_tasks import CORPUS_TASK, LOCAL_TASKS, TASK_PREFIX
+
+    if not isinstance(tasks, list):
+        _fail("evaluation.tasks", f"expected a list of task names, got {tasks!r}")
+    stock = [t for t in tasks if t != CORPUS_TASK and t.removeprefix(TASK_PREFIX) not in LOCAL_TASKS]
+    if not stock:
+        return
+    from lm_eval.tasks import TaskManager
+
+    unknown = [t for t in stock if t not in TaskManager().all_tasks]
+    if unknown:
+        _fail("evaluation.tasks", f"unknown tasks {unknown}; local tasks are {[CORPUS_TASK, *LOCAL_TASKS]}, "
+                                  "other names must be in lm-eval's registry")
+
+
 def parse_study(tree: dict, source: str = "") -> StudySpec:
     """Validate a study mapping (as read from YAML) and return a StudySpec."""
     if not isinstance(tree, dict):
@@ -219,6 +236,7 @@ def parse_study(tree: dict, source: str = "") -> StudySpec:
     if unknown:
         _fail("evaluation", f"unknown fields {sorted(unknown)}; accepted: tasks, limit, batch_size, seed")
     spec.evaluation = EvaluationSpec(**evaluation)
+    _check_tasks(spec.evaluation.tasks)
     _check_sampler_pruner(spec)
     _check_against_config(spec)
     return spec

@@ -63,3 +63,9 @@ def test_grid_needs_discrete_dimensions():
 def test_missing_study_file_lists_available(tmp_path):
     with pytest.raises(ValueError, match="not found"):
         load_study(tmp_path / "absent.yaml")
+
+
+@pytest.mark.integration  # indexes lm-eval's task registry, about 9 s
+def test_unknown_evaluation_task_rejected():
+    with pytest.raises(ValueError, match="unknown tasks.*arc_eazy"):
+        parse_study(_study(evaluation={"tasks": ["arc_eazy"]}))
