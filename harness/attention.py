@@ -2,7 +2,8 @@
 
 Two implementations with one contract, `causal_attention(q, k, v, need_entropy, impl)`:
 - `explicit`: materializes the (B, nh, T, T) probabilities in fp32; the reference path in tests.
-- `fused`: scaled_dot_product_attention for the output; see fused_row_entropy for the entropy.
+- `fused`: fused kernels for the output and, when requested, the entropy (harness.fused_entropy); nothing
+  of size T x T is kept for the backward pass.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.entropy import entropy_from_scores
+from harness.fused_entropy import fused_attention_entropy
 
 ATTENTION_IMPLS = ("fused", "explicit")
 
@@ -25,33 +27,38 @@ def causal_mask(n_query: int, n_key: int, device) -> torch.Tensor:
     return cols <= rows + offset
 
 
-def explicit_attention(q, k, v, need_entropy: bool = True):
-    """Return (output, row entropy) from materialized probabilities; q, k, v are (B, nh, T, hs)."""
+def explicit_attention_probs(q, k, v):
+    """Return (output, row entropy, probabilities) from materialized (B, nh, T, T) fp32 probabilities."""
     scale = 1.0 / math.sqrt(q.shape[-1])
 
-    # scores in fp32, then masked softmax and exact entropy
-    scores = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, nh, T, T)
+    # scores in fp32 (autocast would run this matmul in bf16/fp16), then masked softmax and exact entropy
+    with torch.autocast(q.device.type, enabled=False):
+        scores = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, nh, T, T)
     mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
     probs, entropy = entropy_from_scores(scores, mask)  # (B, nh, T, T), (B, nh, T)
 
     # weighted sum of values in the model's dtype
     y = probs.to(v.dtype) @ v  # (B, nh, T, hs)
+    return y, entropy, probs
+
+
+def explicit_attention(q, k, v, need_entropy: bool = True):
+    """Return (output, row entropy) from materialized probabilities; q, k, v are (B, nh, T, hs)."""
+    y, entropy, _ = explicit_attention_probs(q, k, v)
     return y, (entropy if need_entropy else None)
 
 
-def fused_row_entropy(q, k) -> torch.Tensor:
-    """Return the (B, nh, T) row entropy without keeping a (B, nh, T, T) tensor for the backward pass."""
-    # TODO: replace with a route whose forward and backward never materialize T x T probabilities.
-    _, entropy = explicit_attention(q, k, k, need_entropy=True)
-    return entropy
+def fused_attention(q, k, v, need_entropy: bool = True):
+    """Return (output, row entropy or None) from fused kernels; q, k, v are (B, nh, T, hs)."""
+    if not need_entropy:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True), None  # (B, nh, T, hs)
+    return fused_attention_entropy(q, k, v)
 
 
 def causal_attention(q, k, v, need_entropy: bool, impl: str = "fused"):
-    """Return (output (B, nh, T, hs), row entropy (B, nh, T) or None)."""
+    """Return (output (B, nh, T, hs), row entropy (B, nh, T) fp32 or None)."""
     if impl == "explicit":
         return explicit_attention(q, k, v, need_entropy)
     if impl != "fused":
         raise ValueError(f"invalid attention implementation {impl!r}: accepted values are {list(ATTENTION_IMPLS)}")
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
-    entropy = fused_row_entropy(q, k) if need_entropy else None
-    return y, entropy
+    return fused_attention(q, k, v, need_entropy)

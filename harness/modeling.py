@@ -20,7 +20,7 @@ from transformers import initialization as init
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
-from harness.attention import ATTENTION_IMPLS, causal_attention
+from harness.attention import ATTENTION_IMPLS, causal_attention, explicit_attention_probs
 from harness.entropy import MAX_ENTROPY_MODES, REDUCTIONS, check_loss_args, head_entropy, layer_entropy_penalty
 
 FFN_ACTIVATIONS = ("gelu", "relu", "none")
@@ -174,7 +174,8 @@ class CausalSelfAttention(nn.Module):
             init = math.log(config.temperature_init)
             self.log_temperature = nn.Parameter(torch.full(t_shape[config.temperature_mode], init))
 
-    def forward(self, x: torch.Tensor, need_entropy: bool):
+    def forward(self, x: torch.Tensor, need_entropy: bool, output_attentions: bool = False):
+        """Return (output (B, T, C), row entropy (B, nh, T) or None, probabilities (B, nh, T, T) or None)."""
         B, T, C = x.shape
         hs = C // self.n_head
 
@@ -188,12 +189,17 @@ class CausalSelfAttention(nn.Module):
             t = self.log_temperature[:, :T].exp() if self.log_temperature.shape[1] > 1 else self.log_temperature.exp()
             q = q / t[None, :, :, None].to(q.dtype)  # (B, nh, T, hs)
 
-        # attention and the entropy of every query row
-        y, row_entropy = causal_attention(q, k, v, need_entropy, self.config.attn_impl)  # (B, nh, T, hs), (B, nh, T)
+        # attention and the entropy of every query row; returning probabilities needs the explicit path
+        probs = None
+        if output_attentions:
+            y, row_entropy, probs = explicit_attention_probs(q, k, v)  # ..., (B, nh, T, T)
+            row_entropy = row_entropy if need_entropy else None
+        else:
+            y, row_entropy = causal_attention(q, k, v, need_entropy, self.config.attn_impl)  # (B, nh, T, hs), (B, nh, T)
 
         # re-assemble heads and project out
         y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.o_proj(y), row_entropy
+        return self.o_proj(y), row_entropy, probs
 
     def entropy_penalty(self, row_entropy: torch.Tensor) -> torch.Tensor:
         """Return this layer's L_layer for its own thresholds."""
@@ -241,16 +247,16 @@ class Block(nn.Module):
             self.ffn_alpha = nn.Parameter(torch.tensor(float(config.alpha_init)))
             self.ffn_beta = nn.Parameter(torch.tensor(float(config.beta_init)))
 
-    def forward(self, x: torch.Tensor, need_entropy: bool):
+    def forward(self, x: torch.Tensor, need_entropy: bool, output_attentions: bool = False):
         # attention sub-block
-        attn_out, row_entropy = self.attn(self.ln_1(x), need_entropy)
+        attn_out, row_entropy, probs = self.attn(self.ln_1(x), need_entropy, output_attentions)
         x_sa = x + attn_out
 
         # FFN sub-block: X_out = beta * X_sa + (1 / alpha) * FFN(X_sa) when scaled
         ffn_out = self.mlp(self.ln_2(x_sa))
         if self.ffn_alpha is not None:
-            return self.ffn_beta * x_sa + ffn_out / self.ffn_alpha, row_entropy
-        return x_sa + ffn_out, row_entropy
+            return self.ffn_beta * x_sa + ffn_out / self.ffn_alpha, row_entropy, probs
+        return x_sa + ffn_out, row_entropy, probs
 
 
 class EntropyGPTPreTrainedModel(PreTrainedModel):
@@ -302,18 +308,19 @@ class EntropyGPTModel(EntropyGPTPreTrainedModel):
     def set_input_embeddings(self, value):
         self.wte = value
 
-    def forward(self, input_ids: torch.LongTensor, need_entropy: bool = False):
-        """Return (hidden states (B, T, d), list of per-layer row entropy or None)."""
+    def forward(self, input_ids: torch.LongTensor, need_entropy: bool = False, output_attentions: bool = False):
+        """Return (hidden states (B, T, d), per-layer row entropy or None, per-layer probabilities or None)."""
         B, T = input_ids.shape
         if T > self.config.n_positions:
             raise ValueError(f"sequence length {T} exceeds the model's context n_positions={self.config.n_positions}")
         pos = torch.arange(T, device=input_ids.device)
         x = self.wte(input_ids) + self.wpe(pos)  # (B, T, d)
-        row_entropies = []
+        row_entropies, attentions = [], []
         for block in self.h:
-            x, row_entropy = block(x, need_entropy)
+            x, row_entropy, probs = block(x, need_entropy, output_attentions)
             row_entropies.append(row_entropy)
-        return self.ln_f(x), (row_entropies if need_entropy else None)
+            attentions.append(probs)
+        return self.ln_f(x), (row_entropies if need_entropy else None), (tuple(attentions) if output_attentions else None)
 
 
 class EntropyGPTForCausalLM(EntropyGPTPreTrainedModel, GenerationMixin):
@@ -339,15 +346,18 @@ class EntropyGPTForCausalLM(EntropyGPTPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         return_entropy: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> EntropyCausalLMOutput:
         """Run the LM. `loss` (when labels are given) is the mean next-token cross-entropy only.
 
         return_entropy defaults to self.training. attention_mask is accepted for API compatibility;
         attention is always causal, so right padding (as lm-eval uses) is fine but left padding is not.
+        output_attentions returns the (B, H, T, T) probabilities of every layer through the explicit path,
+        as code written for the released Trainer example expects.
         """
         need_entropy = self.training if return_entropy is None else return_entropy
-        hidden, row_entropies = self.transformer(input_ids, need_entropy)
+        hidden, row_entropies, attentions = self.transformer(input_ids, need_entropy, bool(output_attentions))
         logits = self.lm_head(hidden)  # (B, T, V)
 
         # next-token cross-entropy; labels are the inputs, shifted here
@@ -357,7 +367,7 @@ class EntropyGPTForCausalLM(EntropyGPTPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1), ignore_index=-100)
 
         if not need_entropy:
-            return EntropyCausalLMOutput(loss=loss, logits=logits)
+            return EntropyCausalLMOutput(loss=loss, logits=logits, attentions=attentions)
 
         # entropy regularizer (unscaled) and the L x H head entropy
         penalties = [block.attn.entropy_penalty(h) for block, h in zip(self.transformer.h, row_entropies)]
@@ -367,6 +377,7 @@ class EntropyGPTForCausalLM(EntropyGPTPreTrainedModel, GenerationMixin):
             entropy_loss=torch.stack(penalties).mean(),
             head_entropy=head_entropy(row_entropies).detach(),
             row_entropy=tuple(row_entropies),
+            attentions=attentions,
         )
 
     def entropy_thresholds(self) -> torch.Tensor:

@@ -187,7 +187,7 @@ def test_ffn_scaling_formula(tiny_model):
     block.ffn_beta.data.fill_(3.0)
     x = torch.randn(2, 16, 32)
     with torch.no_grad():
-        out, _ = block(x, need_entropy=False)
+        out, _, _ = block(x, need_entropy=False)
         x_sa = x + block.attn(x, need_entropy=False)[0]
         expected = 3.0 * x_sa + block.mlp(x_sa) / 2.0
     assert torch.allclose(out, expected, atol=1e-6)
@@ -302,3 +302,19 @@ def test_sequence_longer_than_context_rejected(tiny_model, random_tokens):
 def test_invalid_model_config_rejected(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         EntropyGPTConfig(**kwargs)
+
+
+def test_output_attentions_match_released_loss(tiny_model, random_tokens):
+    """output_attentions gives (B, H, T, T) probabilities whose released-style loss equals entropy_loss."""
+    from harness.entropy import EntropyRegularization
+
+    model = tiny_model("sm_t_scfuffn")
+    x = random_tokens(2, 16)
+    out = model(x, labels=x, return_entropy=True, output_attentions=True)
+    cfg = model.config
+    assert len(out.attentions) == cfg.n_layer
+    assert out.attentions[0].shape == (2, cfg.n_head, 16, 16)
+    thresholds = [block.attn.reg_threshold_weights for block in model.transformer.h]
+    reg = EntropyRegularization(loss_coeff=1.0, tolerance_margin_factor=cfg.entropy_tolerance, context_size=cfg.n_positions)
+    released = reg.compute_loss(out.attentions, thresholds, cfg.n_head, cfg.n_layer)
+    torch.testing.assert_close(released, out.entropy_loss, rtol=1e-5, atol=1e-6)
