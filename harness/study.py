@@ -3,7 +3,11 @@
 Each trial samples its params, builds its config (preset < study overrides < params), trains with a
 pruning report at every eval interval, evaluates, and closes its MLflow run with the trial's state.
 A failing trial never stops the study. A worker that dies leaves its trial RUNNING only until the
-heartbeat grace period passes; the next start marks it failed and enqueues a retry.
+heartbeat grace period passes. Then a live worker or the next start marks it failed and enqueues a retry.
+
+Any number of worker processes, on any machines that reach the storage, join one study: the process
+that creates the study creates its MLflow parent run and enqueues the reference trials, and the
+others wait for that parent run and share it.
 """
 
 from __future__ import annotations
@@ -11,11 +15,14 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 import time
+import warnings
 
 import optuna
+import sqlalchemy.exc
 
 from harness import study_report
 from harness.study_config import PRESET_KEY, StudySpec, load_study, trial_config
@@ -23,25 +30,68 @@ from harness.study_config import PRESET_KEY, StudySpec, load_study, trial_config
 log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 5
 GRACE_SECONDS = 15
+RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
+STORAGE_FORMS = ("sqlite:///<path>, postgresql://<user>[:<password>]@<host>[:<port>]/<database>, "
+                 "mysql://... or journal://<path>")
+STORAGE_RETRIES = 5
+# how long a worker that loaded a new study waits for the creating process's MLflow parent run
+PARENT_WAIT_SECONDS = 60
 
 
 # -----------------------------------------------------------------------------
 # Optuna pieces: storage, sampler, pruner
 
+def redact_url(url: str) -> str:
+    """Return the URL with the password of its user info replaced by ***, for logs and messages."""
+    return re.sub(r"://([^/:@]*):[^/@]*@", r"://\1:***@", url)
+
+
 def create_storage(url: str):
-    """Return Optuna storage for a URL: sqlite:///, postgresql://... (RDB with heartbeat) or journal://<path>."""
+    """Return Optuna storage for a URL: an RDB (sqlite, postgresql, mysql) with heartbeat, or journal://<path>.
+
+    postgresql:// uses SQLAlchemy 2.1's default driver psycopg (version 3); postgresql+psycopg2:// needs
+    psycopg2 installed. A journal file suits a shared file system without a database server.
+    """
     if url.startswith("journal://"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-        return JournalStorage(JournalFileBackend(url[len("journal://"):]))
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(
-        url,
-        engine_kwargs=engine_kwargs,
-        heartbeat_interval=HEARTBEAT_SECONDS,
-        grace_period=GRACE_SECONDS,
-        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
-    )
+        path = url[len("journal://"):]
+        if not path:
+            raise ValueError(f"invalid study storage {url!r}: a journal URL needs a file path, e.g. journal://optuna.log")
+        # NOTE: journal storage has no heartbeat, so a killed worker's trial stays RUNNING until failed by hand
+        return JournalStorage(JournalFileBackend(path))
+    scheme = url.partition("://")[0].partition("+")[0]
+    if "://" not in url or scheme not in RDB_SCHEMES:
+        raise ValueError(f"invalid study storage {redact_url(url)!r}: accepted forms are {STORAGE_FORMS}")
+    engine_kwargs = {"connect_args": {"timeout": 60}} if scheme == "sqlite" else {"pool_pre_ping": True}
+
+    # processes that open a new database at once race to create Optuna's tables, so a failed open is retried
+    for attempt in range(1, STORAGE_RETRIES + 1):
+        try:
+            return _rdb_storage(url, engine_kwargs)
+        except ImportError as err:
+            raise ValueError(f"study storage {redact_url(url)!r} needs a database driver that is not installed "
+                             f"({err}); for postgresql:// install psycopg[binary]") from err
+        except sqlalchemy.exc.SQLAlchemyError as err:
+            if attempt == STORAGE_RETRIES:
+                raise
+            log.warning("opening study storage %s failed (attempt %d of %d): %s; retrying",
+                        redact_url(url), attempt, STORAGE_RETRIES, str(err).splitlines()[0])
+            time.sleep(0.5 * attempt)
+
+
+def _rdb_storage(url: str, engine_kwargs: dict) -> optuna.storages.RDBStorage:
+    """Open an RDB storage whose trials send heartbeats; a stale trial is failed and retried once."""
+    # Optuna 5 marks the heartbeat options experimental, and workers need them to recover trials
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=HEARTBEAT_SECONDS,
+            grace_period=GRACE_SECONDS,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+        )
 
 
 def _grid(spec: StudySpec) -> dict[str, list]:
@@ -110,16 +160,45 @@ def suggest(trial: optuna.Trial, spec: StudySpec) -> dict:
     return params
 
 
+def create_or_load_study(spec: StudySpec) -> tuple[optuna.Study, bool]:
+    """Return (study, created): created is True in the one process whose create_study made it.
+
+    The storage makes creation atomic (a unique study name), so among processes that start together
+    on a new study exactly one gets created=True.
+    """
+    kwargs = {"study_name": spec.name, "storage": create_storage(spec.storage), "sampler": create_sampler(spec),
+              "pruner": create_pruner(spec)}
+    try:
+        return optuna.create_study(directions=spec.directions, **kwargs), True
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(**kwargs), False
+
+
 def open_study(spec: StudySpec) -> optuna.Study:
-    """Create or load the study; enqueue the reference trials once, when the study is new."""
-    study = optuna.create_study(
-        study_name=spec.name, storage=create_storage(spec.storage), sampler=create_sampler(spec),
-        pruner=create_pruner(spec), directions=spec.directions, load_if_exists=True,
-    )
-    if not study.trials:
+    """Create or load the study (the reference trials are enqueued by join_study)."""
+    return create_or_load_study(spec)[0]
+
+
+def join_study(spec: StudySpec) -> tuple[optuna.Study, str]:
+    """Open the study and return it with the run id of its MLflow parent run.
+
+    The process that created the study creates the parent run, then enqueues the reference trials.
+    A process that loaded a new study (no trial yet) waits for that parent run, so workers started
+    together share one parent run. After PARENT_WAIT_SECONDS it creates the run itself.
+    """
+    study, created = create_or_load_study(spec)
+    if not created:
+        deadline = time.time() + PARENT_WAIT_SECONDS
+        while study_report.find_parent(spec) is None and not study.get_trials(deepcopy=False):
+            if time.time() >= deadline:
+                log.warning("study %s has no MLflow parent run after %d s; creating it", spec.name, PARENT_WAIT_SECONDS)
+                break
+            time.sleep(1.0)
+    parent_run_id = study_report.find_or_create_parent(spec)
+    if created:
         for row in spec.enqueue:
             study.enqueue_trial(row, skip_if_exists=True)
-    return study
+    return study, parent_run_id
 
 
 # -----------------------------------------------------------------------------
@@ -197,31 +276,116 @@ def run_trial(trial: optuna.Trial, spec: StudySpec, parent_run_id: str, data_cac
 # Workers and the launcher
 
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+# set in the environment of the workers that a launcher starts: the launcher finishes the parent run
+LAUNCHER_ENV = "HARNESS_STUDY_LAUNCHER_PID"
 
 
-def run_worker(spec: StudySpec, parent_run_id: str) -> None:
-    """Run trials until the study's budget is used: n_trials finished in total (over restarts) or the time."""
+def budget_counts(study: optuna.Study) -> tuple[int, int]:
+    """Return (finished, running) trial counts for the budget.
+
+    A failed trial that the heartbeat retry enqueued again counts through its retry only, so a
+    worker killed mid-trial costs no trial of the budget.
+    """
+    trials = study.get_trials(deepcopy=False)
+    retried = {number for t in trials for number in t.system_attrs.get("retry_history", [])}
+    finished = sum(1 for t in trials if t.state in FINISHED_STATES
+                   and not (t.state == optuna.trial.TrialState.FAIL and t.number in retried))
+    running = sum(1 for t in trials if t.state == optuna.trial.TrialState.RUNNING)
+    return finished, running
+
+
+def _fail_stale_trials(study: optuna.Study) -> None:
+    """Fail trials whose heartbeat is older than the grace period; their retries are enqueued."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def run_worker(spec: StudySpec, parent_run_id: str, reseed: bool = False) -> list[int]:
+    """Run trials until the study's budget is used: n_trials finished in total (over restarts) or the time.
+
+    A worker starts a trial only while finished + running trials stay below n_trials. When the rest
+    of the budget is running in other workers, it waits and fails trials whose heartbeat went stale,
+    then runs their retries. So the study ends with n_trials finished trials.
+    reseed=True draws the sampler's seed from the OS, so parallel workers do not sample the same params.
+    Returns the numbers of the trials this worker ran.
+    """
     study = open_study(spec)
-    if spec.n_trials and len(study.get_trials(deepcopy=False, states=FINISHED_STATES)) >= spec.n_trials:
-        log.info("study %s already has %d finished trials; nothing to run", spec.name, spec.n_trials)
-        return
+    if reseed:
+        study.sampler.reseed_rng()
     data_cache: dict = {}
-    timeout = spec.timeout_minutes * 60 if spec.timeout_minutes else None
-    callbacks = [optuna.study.MaxTrialsCallback(spec.n_trials, states=FINISHED_STATES)] if spec.n_trials else []
+    numbers: list[int] = []
+
+    def objective(trial: optuna.Trial):
+        numbers.append(trial.number)
+        return run_trial(trial, spec, parent_run_id, data_cache)
+    deadline = time.time() + spec.timeout_minutes * 60 if spec.timeout_minutes else None
+    waits_for_others = not spec.storage.startswith("journal://")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study.optimize(
-        lambda trial: run_trial(trial, spec, parent_run_id, data_cache),
-        timeout=timeout, catch=(Exception,), callbacks=callbacks, gc_after_trial=True,
-    )
+    while deadline is None or time.time() < deadline:
+        finished, running = budget_counts(study)
+        if spec.n_trials and finished >= spec.n_trials:
+            log.info("study %s has %d finished trials of n_trials=%d; worker done", spec.name, finished, spec.n_trials)
+            return numbers
+        if spec.n_trials and finished + running >= spec.n_trials:
+            if not waits_for_others:
+                # NOTE: without a heartbeat a dead worker's trial is never failed, so waiting could last forever
+                return numbers
+            # the rest of the budget runs elsewhere: wait, failing trials whose worker died
+            time.sleep(HEARTBEAT_SECONDS)
+            _fail_stale_trials(study)
+            continue
+        # NOTE: two workers that pass the check above at the same moment may run one trial over n_trials
+        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+    return numbers
+
+
+def finish_study(spec: StudySpec, parent_run_id: str) -> optuna.Study:
+    """Fail trials left RUNNING by dead workers, close their MLflow runs and finish the parent run."""
+    study = open_study(spec)
+    study_report.recover_stale_trials(study, wait_seconds=0)
+    study_report.finish_parent(spec, study, parent_run_id)
+    return study
+
+
+def _finish_as_last_worker(spec: StudySpec, parent_run_id: str, numbers: list[int]) -> None:
+    """Finish the parent run when this worker is the last one: no trial is RUNNING and this worker ran
+    the trial that finished last (or ran none). Workers started by a launcher leave it to the launcher.
+    """
+    if os.environ.get(LAUNCHER_ENV):
+        return
+    study = open_study(spec)
+    _fail_stale_trials(study)
+    finished, running = budget_counts(study)
+    if running:
+        log.info("study %s: %d trials still running in other workers; the last worker finishes the parent run",
+                 spec.name, running)
+        return
+    done = [t for t in study.get_trials(deepcopy=False, states=FINISHED_STATES) if t.datetime_complete is not None]
+    last = max(done, key=lambda t: t.datetime_complete, default=None)
+    if numbers and last is not None and last.number not in numbers:
+        log.info("study %s: trial %d finished last in another worker, which finishes the parent run",
+                 spec.name, last.number)
+        return
+    finish_study(spec, parent_run_id)
+    log.info("study %s: %d finished trials; parent run %s finished", spec.name, finished, parent_run_id)
 
 
 def _spawn_workers(spec_path: str, overrides: list[str], workers: int) -> int:
     """Start worker processes on the same study and wait for all of them."""
     cmd = [sys.executable, "-m", "harness.cli", "study", spec_path, *overrides, "--worker"]
-    procs = [subprocess.Popen(cmd) for _ in range(workers)]
+    env = {**os.environ, LAUNCHER_ENV: str(os.getpid())}
+    procs = [subprocess.Popen(cmd, env=env) for _ in range(workers)]
     log.info("started %d workers: pids %s", workers, [p.pid for p in procs])
     codes = [p.wait() for p in procs]
     return max(codes)
+
+
+def _ui_hint(spec: StudySpec) -> str:
+    uri = study_report.tracking_uri(spec)
+    if uri.startswith(("http://", "https://")):
+        return f"open the MLflow UI: {uri}"
+    return f"open the MLflow UI: make ui   (or: mlflow ui --backend-store-uri {uri} --host 127.0.0.1)"
 
 
 def main_study(study_file: str, overrides: list[str], workers: int = 1, worker: bool = False) -> int:
@@ -229,12 +393,14 @@ def main_study(study_file: str, overrides: list[str], workers: int = 1, worker: 
     spec = load_study(study_file, overrides)
     if spec.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = spec.tracking_uri
-    study = open_study(spec)
-    parent_run_id = study_report.find_or_create_parent(spec)
+    study, parent_run_id = join_study(spec)
+    log.info("study %s in %s, MLflow parent run %s", spec.name, redact_url(spec.storage), parent_run_id)
 
     # a worker joins the study; the launcher also clears trials that a dead worker left RUNNING
     if worker:
-        run_worker(spec, parent_run_id)
+        # workers with one seed would sample the same params, so each draws its own seed
+        numbers = run_worker(spec, parent_run_id, reseed=True)
+        _finish_as_last_worker(spec, parent_run_id, numbers)
         return 0
     study_report.recover_stale_trials(study, wait_seconds=GRACE_SECONDS + HEARTBEAT_SECONDS)
     started = time.time()
@@ -245,10 +411,8 @@ def main_study(study_file: str, overrides: list[str], workers: int = 1, worker: 
         code = 0
 
     # parent run: study config, best trial, plots; then the summary table
-    study = open_study(spec)
-    study_report.recover_stale_trials(study, wait_seconds=0)
-    study_report.finish_parent(spec, study, parent_run_id)
+    study = finish_study(spec, parent_run_id)
     print(study_report.summary_table(spec, study))
     print(f"\nstudy {spec.name!r}: {len(study.trials)} trials in {(time.time() - started) / 60:.1f} min")
-    print(f"open the MLflow UI: make ui   (or: mlflow ui --backend-store-uri {study_report.tracking_uri(spec)} --host 127.0.0.1)")
+    print(_ui_hint(spec))
     return code

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from harness import checkpoint
+from harness import checkpoint, distributed
 from harness.config import RunConfig, dump_yaml, load_config
 from harness.entropy import entropy_summary
 from harness.modeling import EntropyGPTForCausalLM, model_config_from_run
@@ -112,7 +112,8 @@ def evaluate_perplexity(model, chunks: np.ndarray, batch_size: int, max_batches:
     """Return (mean CE in nats, perplexity) over full T-token chunks, the paper's metric.
 
     Uses the first max_batches * batch_size chunks (all when max_batches is 0), so every evaluation
-    of a run sees the same tokens.
+    of a run sees the same tokens. Under DDP each rank evaluates every world_size-th batch of them and
+    the sums are added over ranks, so every rank returns the perplexity of all those chunks.
     """
     was_training = model.training
     model.eval()
@@ -120,7 +121,8 @@ def evaluate_perplexity(model, chunks: np.ndarray, batch_size: int, max_batches:
     if n == 0:
         raise ValueError("the evaluation split has no full chunk: use a larger corpus or a smaller data.context_length")
     total_nll, total_tokens = 0.0, 0
-    for start in range(0, n, batch_size):
+    starts = range(distributed.rank() * batch_size, n, distributed.world_size() * batch_size)
+    for start in starts:
         x = torch.from_numpy(np.asarray(chunks[start:start + batch_size], dtype=np.int64)).to(device)
         with autocast_context(device, dtype):
             out = model(x, labels=x, return_entropy=False)
@@ -128,6 +130,7 @@ def evaluate_perplexity(model, chunks: np.ndarray, batch_size: int, max_batches:
         total_nll += out.loss.float().item() * count
         total_tokens += count
     model.train(was_training)
+    total_nll, total_tokens = distributed.all_reduce_sum([total_nll, total_tokens])
     ce = total_nll / total_tokens
     return ce, math.exp(min(ce, 700.0))
 
@@ -160,7 +163,7 @@ class LoopState:
 
 
 def _train_step(model, optimizer, scheduler, batch, cfg: RunConfig, step: int, device, scaler) -> dict[str, float]:
-    """Run one optimizer step and return its scalar metrics."""
+    """Run one optimizer step and return its scalar metrics (averaged over ranks under DDP)."""
     lam = cfg.entropy.loss_coeff if step >= cfg.entropy.start_step else 0.0
     need_entropy = lam > 0
 
@@ -169,9 +172,13 @@ def _train_step(model, optimizer, scheduler, batch, cfg: RunConfig, step: int, d
         out = model(batch, labels=batch, return_entropy=need_entropy)
     ce = out.loss.float()
     entropy_loss = out.entropy_loss.float() if need_entropy else torch.zeros((), device=device)
+    entropy_loss = entropy_loss * _entropy_rank_scale(cfg)
     loss = ce + lam * entropy_loss
-    if not torch.isfinite(loss):
-        raise NonFiniteLossError(step, loss.item())
+
+    # every rank checks the loss averaged over ranks, so all ranks stop together on a non-finite loss
+    reduced = distributed.all_reduce_mean({"loss": loss.item(), "ce": ce.item(), "entropy_loss": entropy_loss.item()})
+    if not math.isfinite(reduced["loss"]):
+        raise NonFiniteLossError(step, reduced["loss"])
 
     # backward, clip, step
     optimizer.zero_grad(set_to_none=True)
@@ -183,9 +190,21 @@ def _train_step(model, optimizer, scheduler, batch, cfg: RunConfig, step: int, d
     lr = scheduler.get_last_lr()[0]
     scheduler.step()
     return {
-        "train/loss": loss.item(), "train/ce": ce.item(), "train/entropy_loss": entropy_loss.item(),
+        "train/loss": reduced["loss"], "train/ce": reduced["ce"], "train/entropy_loss": reduced["entropy_loss"],
         "train/lr": lr, "train/grad_norm": float(grad_norm),
     }
+
+
+def _entropy_rank_scale(cfg: RunConfig) -> float:
+    """Return the factor that makes the DDP average of the row_sum regularizer its sum over the global batch.
+
+    row_sum adds the penalties of all (batch, query) rows, and DDP averages gradients over ranks, so
+    each rank multiplies its term by world_size. head_mean is a nonlinear function of the batch mean,
+    so under DDP it is the mean of per-rank values, close to but not equal to one process's value.
+    """
+    if cfg.entropy.reduction == "row_sum":
+        return float(distributed.world_size())
+    return 1.0
 
 
 def _log_line(step: int, metrics: dict, val_ppl: float) -> str:
@@ -225,13 +244,18 @@ def train(
 
     tracker: a RunTracker or None. on_eval(step, metrics) runs after every evaluation and may raise to
     stop the run (a study prunes this way); the exception propagates after the metrics are flushed.
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls train(): train.batch_size is the batch of one
+    rank, so a step sees a global batch of batch_size * world_size chunks, the same chunks that one
+    process with that batch size sees. Pass the tracker and on_eval on rank 0 only; ranks > 0 raise
+    StoppedByRank0 when rank 0's on_eval raises.
     """
-    from harness.data import batch_iterator, prepare_data
+    from harness.data import batch_iterator
 
     tc = cfg.train
-    device = resolve_device(tc.device)
+    device = distributed.init(resolve_device(tc.device))
     seed_everything(tc.seed)
-    data = data if data is not None else prepare_data(cfg.data)
+    data = data if data is not None else _prepare_data_rank0_first(cfg)
     if len(data.train) == 0:
         raise ValueError(f"corpus {cfg.data.corpus!r} gave no training chunk of {cfg.data.context_length} tokens")
 
@@ -246,21 +270,27 @@ def train(
         state.step = checkpoint.load_latest(run_dir, model, optimizer, scheduler)
     fixed_batch = torch.from_numpy(np.asarray(data.val[: tc.batch_size], dtype=np.int64))
 
-    batches = batch_iterator(data.train, tc.batch_size, tc.seed, start_step=state.step)
-    tokens_per_step = tc.batch_size * cfg.data.context_length
+    # under DDP: steps without the regularizer leave the thresholds without a gradient
+    skips_entropy = cfg.entropy.loss_coeff == 0 or cfg.entropy.start_step > 0
+    ddp_model = distributed.wrap_model(model, device, find_unused_parameters=skips_entropy)
+
+    # every rank draws the same global batch and trains on its own slice of it
+    world, rank = distributed.world_size(), distributed.rank()
+    batches = batch_iterator(data.train, tc.batch_size * world, tc.seed, start_step=state.step)
+    rows = slice(rank * tc.batch_size, (rank + 1) * tc.batch_size)
+    tokens_per_step = tc.batch_size * world * cfg.data.context_length
     model.train()
     if state.step == 0:
         state.last_metrics = _run_eval(model, data, fixed_batch, cfg, state, tracker, device)
-        if on_eval is not None:
-            on_eval(state.step, state.last_metrics)
+        _notify_eval(on_eval, state.step, state.last_metrics)
 
-    show_bar = sys.stderr.isatty()
+    show_bar = sys.stderr.isatty() and distributed.is_rank0()
     with logging_redirect_tqdm(), tqdm(total=tc.max_steps, initial=state.step, desc=cfg.name, unit="step",
                                        leave=False, mininterval=2.0, disable=not show_bar) as bar:
         while state.step < tc.max_steps:
             t0 = time.perf_counter()
-            batch = next(batches).to(device)
-            metrics = _train_step(model, optimizer, scheduler, batch, cfg, state.step, device, scaler)
+            batch = next(batches)[rows].to(device)  # (B, T) of this rank
+            metrics = _train_step(ddp_model, optimizer, scheduler, batch, cfg, state.step, device, scaler)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             metrics["train/tok_per_s"] = tokens_per_step / (time.perf_counter() - t0)
@@ -274,13 +304,14 @@ def train(
                 state.last_metrics = _run_eval(model, data, fixed_batch, cfg, state, tracker, device)
             if state.step % tc.log_interval == 0 or state.step == tc.max_steps:
                 log.info(_log_line(state.step, metrics, state.val_ppl))
-            if tc.checkpoint_interval and state.step % tc.checkpoint_interval == 0:
+            if tc.checkpoint_interval and state.step % tc.checkpoint_interval == 0 and distributed.is_rank0():
                 checkpoint.save(run_dir, model, optimizer, scheduler, state.step, tracker)
-            if on_eval is not None and (state.step % tc.eval_interval == 0 or state.step == tc.max_steps):
-                on_eval(state.step, state.last_metrics)
+            if state.step % tc.eval_interval == 0 or state.step == tc.max_steps:
+                _notify_eval(on_eval, state.step, state.last_metrics)
 
-    # final checkpoint and test perplexity
-    checkpoint.save(run_dir, model, optimizer, scheduler, state.step, tracker)
+    # final checkpoint (rank 0) and test perplexity
+    if distributed.is_rank0():
+        checkpoint.save(run_dir, model, optimizer, scheduler, state.step, tracker)
     test_ce, test_ppl = evaluate_perplexity(model, data.test, tc.batch_size, 0, device, tc.dtype)
     final = {"test/ce": test_ce, "test/ppl": test_ppl, "val/ppl": state.val_ppl}
     if tracker is not None:
@@ -293,32 +324,89 @@ def train(
                        tracker.run_id if tracker is not None else None)
 
 
+def _prepare_data_rank0_first(cfg: RunConfig):
+    """Prepare the data. Under DDP rank 0 builds the caches first, and the other ranks then read them."""
+    from harness.data import prepare_data
+
+    if not distributed.is_distributed():
+        return prepare_data(cfg.data)
+    data, error = None, None
+    if distributed.is_rank0():
+        try:
+            data = prepare_data(cfg.data)
+        except Exception as err:
+            error = err
+    if distributed.any_rank(error is not None):
+        if error is not None:
+            raise error
+        raise distributed.StoppedByRank0("rank 0 failed to prepare the data; its log has the error")
+    return data if data is not None else prepare_data(cfg.data)
+
+
+def _notify_eval(on_eval, step: int, metrics: dict) -> None:
+    """Call on_eval. Under DDP only rank 0 calls it, and every rank stops when it raises."""
+    if not distributed.is_distributed():
+        if on_eval is not None:
+            on_eval(step, metrics)
+        return
+    error = None
+    if distributed.is_rank0() and on_eval is not None:
+        try:
+            on_eval(step, metrics)
+        except BaseException as err:
+            error = err
+    if distributed.any_rank(error is not None):
+        if error is not None:
+            raise error
+        raise distributed.StoppedByRank0(f"rank 0 stopped the run at step {step}")
+
+
 # -----------------------------------------------------------------------------
 # Command line
 
 def main_train(preset: str, overrides: list[str], resume: bool = False, print_config: bool = False) -> int:
-    """Entry point of `harness train`: returns the process exit code."""
-    from harness.tracking import RunTracker
+    """Entry point of `harness train`: returns the process exit code.
 
+    Under torchrun it joins the process group first, so only rank 0 creates the MLflow run.
+    """
     cfg = load_config(preset, overrides)
     if print_config:
         print(dump_yaml(cfg), end="")
         return 0
-    run_id = checkpoint.saved_run_id(checkpoint.run_dir(cfg)) if resume else None
-    tracker = RunTracker(cfg, run_name=cfg.name, run_id=run_id)
-    tracker.start()
+    distributed.init(resolve_device(cfg.train.device))
+    if not distributed.is_rank0():
+        logging.getLogger("harness").setLevel(logging.WARNING)
+    try:
+        return _train_tracked(cfg, resume)
+    finally:
+        distributed.cleanup()
+
+
+def _train_tracked(cfg: RunConfig, resume: bool) -> int:
+    """Train with a RunTracker on rank 0 (none on other ranks) and close its run with the outcome."""
+    from harness.tracking import RunTracker
+
+    tracker = None
+    if distributed.is_rank0():
+        run_id = checkpoint.saved_run_id(checkpoint.run_dir(cfg)) if resume else None
+        tracker = RunTracker(cfg, run_name=cfg.name, run_id=run_id)
+        tracker.start()
     try:
         result = train(cfg, tracker=tracker, resume=resume)
     except NonFiniteLossError as err:
-        tracker.end("FAILED", reason=f"non_finite_loss at step {err.step}")
+        if tracker is not None:
+            tracker.end("FAILED", reason=f"non_finite_loss at step {err.step}")
         log.error("training stopped: %s", err)
         return 1
     except KeyboardInterrupt:
-        tracker.end("KILLED", reason="interrupted")
+        if tracker is not None:
+            tracker.end("KILLED", reason="interrupted")
         raise
     except Exception as err:
-        tracker.end("FAILED", reason=repr(err))
+        if tracker is not None:
+            tracker.end("FAILED", reason=repr(err))
         raise
-    tracker.end("FINISHED")
-    log.info("MLflow run %s: val_ppl=%.3f test_ppl=%.3f", result.run_id, result.val_ppl, result.test_ppl)
+    if tracker is not None:
+        tracker.end("FINISHED")
+        log.info("MLflow run %s: val_ppl=%.3f test_ppl=%.3f", result.run_id, result.val_ppl, result.test_ppl)
     return 0
