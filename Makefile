@@ -31,7 +31,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-slow study worker server ui postgres-start postgres-stop clean-cache
+.PHONY: setup test test-slow study worker server ui tables postgres-start postgres-stop clean-cache
 
 # Idempotent: creates .venv if missing and reinstalls only when pyproject.toml changed.
 setup: $(VENV)/.installed
@@ -67,6 +67,12 @@ worker: setup
 server: setup $(if $(filter file,$(origin SERVER_BACKEND_URI)),postgres-start)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false exec $(BIN)/mlflow server --backend-store-uri '$(SERVER_BACKEND_URI)' \
 		--serve-artifacts --artifacts-destination '$(ARTIFACT_ROOT)' --host 127.0.0.1 --port $(PORT) --workers 1
+
+# Tables and figures of a finished study into results/<name>/. STUDY may be a study file or a study
+# name (make tables STUDY=paper); several names separated by commas pool their runs.
+tables: setup
+	$(if $(filter command line environment,$(origin TRACKING_URI)),MLFLOW_TRACKING_URI='$(TRACKING_URI)') \
+		$(BIN)/harness tables --study '$(basename $(notdir $(STUDY)))'
 
 ui: setup
 	$(BIN)/mlflow ui --backend-store-uri $(TRACKING_URI) --host 127.0.0.1 --port $(PORT) --workers 1

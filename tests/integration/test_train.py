@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from harness.config import flatten, load_config, to_dict
 from harness.tracking import RunTracker
-from harness.train import main_train, train
+from harness.train import train
 
 pytestmark = pytest.mark.integration
 
