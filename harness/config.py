@@ -98,6 +98,7 @@ class TrainConfig:
     batch_size: int = 8
     eval_interval: int = 50
     eval_batches: int = 8  # validation batches per evaluation; 0 uses the whole split
+    test_batches: int = 0  # test batches of the final test perplexity; 0 uses the whole split
     log_interval: int = 10
     checkpoint_interval: int = 0  # 0 checkpoints only at the end
     seed: int = 1337

@@ -17,6 +17,8 @@ from mlflow.tracking import MlflowClient
 from harness.study_config import StudySpec, study_as_dict, trial_config
 
 log = logging.getLogger(__name__)
+# fail_stale_trials and the matplotlib plots are marked experimental in Optuna 5.1; the warning is noise here
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 TrialState = optuna.trial.TrialState
 
 

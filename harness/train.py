@@ -312,7 +312,7 @@ def train(
     # final checkpoint (rank 0) and test perplexity
     if distributed.is_rank0():
         checkpoint.save(run_dir, model, optimizer, scheduler, state.step, tracker)
-    test_ce, test_ppl = evaluate_perplexity(model, data.test, tc.batch_size, 0, device, tc.dtype)
+    test_ce, test_ppl = evaluate_perplexity(model, data.test, tc.batch_size, tc.test_batches, device, tc.dtype)
     final = {"test/ce": test_ce, "test/ppl": test_ppl, "val/ppl": state.val_ppl}
     if tracker is not None:
         tracker.log_metrics({"test/ce": test_ce, "test/ppl": test_ppl}, state.step)
