@@ -30,15 +30,19 @@ import torch
 logger = logging.getLogger(__name__)
 
 BLOCK_ROWS = 64  # query rows per block of BlockwiseAttention
-BLOCK_ELEMENTS = 2**18  # target scores per block step (heads x rows x keys), 1 MiB in fp32
+BLOCK_ELEMENTS = 2**18  # target scores per block step and CPU thread (heads x rows x keys), 1 MiB in fp32
 
 
 # -----------------------------------------------------------------------------
 # Blockwise causal attention in plain PyTorch
 
 def _head_chunk(n_heads: int, n_keys: int) -> int:
-    """Return how many (batch, head) pairs one block step covers, so that it holds about BLOCK_ELEMENTS scores."""
-    return max(1, min(n_heads, BLOCK_ELEMENTS // (BLOCK_ROWS * n_keys)))
+    """Return how many (batch, head) pairs one block step covers: about BLOCK_ELEMENTS scores per thread.
+
+    Fewer, larger steps also mean fewer thread synchronizations, which stall when other processes load the CPUs.
+    """
+    budget = BLOCK_ELEMENTS * torch.get_num_threads()
+    return max(1, min(n_heads, budget // (BLOCK_ROWS * n_keys)))
 
 
 def _future_mask(n: int, dtype, device) -> torch.Tensor:
@@ -58,14 +62,15 @@ class BlockwiseAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, extra, scale):
         N, T, _ = q.shape
         values = torch.cat([v, extra], dim=-1)  # (N, T, 2 hs)
-        out = torch.empty(N, T, values.shape[-1], dtype=q.dtype, device=q.device)
-        row_max = torch.empty(N, T, 1, dtype=q.dtype, device=q.device)
-        row_sum = torch.empty(N, T, 1, dtype=q.dtype, device=q.device)
         q_scaled, k_t = q * scale, k.transpose(1, 2)
         mask = _future_mask(BLOCK_ROWS, q.dtype, q.device)
         chunk = _head_chunk(N, T)
+
+        # block results are concatenated at the end: writing into slices would add a copy per block
+        out_chunks, max_chunks, sum_chunks = [], [], []
         for h0 in range(0, N, chunk):
             heads = slice(h0, h0 + chunk)
+            out_blocks, max_blocks, sum_blocks = [], [], []
             for r0 in range(0, T, BLOCK_ROWS):
                 r1 = min(r0 + BLOCK_ROWS, T)
                 rows = slice(r0, r1)
@@ -75,13 +80,18 @@ class BlockwiseAttention(torch.autograd.Function):
                 scores[:, :, rows] += mask[: r1 - r0, : r1 - r0]
 
                 # unnormalized softmax times the values, normalized after the loop
-                torch.amax(scores, dim=-1, keepdim=True, out=row_max[heads, rows])
-                weights = scores.sub_(row_max[heads, rows]).exp_()
-                torch.sum(weights, dim=-1, keepdim=True, out=row_sum[heads, rows])
-                torch.bmm(weights, values[heads, :r1], out=out[heads, rows])
+                row_max = scores.amax(dim=-1, keepdim=True)  # (n, rows, 1)
+                weights = scores.sub_(row_max).exp_()
+                max_blocks.append(row_max)
+                sum_blocks.append(weights.sum(dim=-1, keepdim=True))
+                out_blocks.append(torch.bmm(weights, values[heads, :r1]))  # (n, rows, 2 hs)
+            out_chunks.append(torch.cat(out_blocks, dim=1))
+            max_chunks.append(torch.cat(max_blocks, dim=1))
+            sum_chunks.append(torch.cat(sum_blocks, dim=1))
 
-        out.div_(row_sum)
-        lse = (row_max + row_sum.log()).squeeze(-1)  # (N, T)
+        row_sum = torch.cat(sum_chunks)  # (N, T, 1)
+        out = torch.cat(out_chunks).div_(row_sum)  # (N, T, 2 hs)
+        lse = (torch.cat(max_chunks) + row_sum.log()).squeeze(-1)  # (N, T)
         ctx.save_for_backward(q, k, values, out, lse)
         ctx.scale = scale
         ctx.mark_non_differentiable(lse)
@@ -92,7 +102,7 @@ class BlockwiseAttention(torch.autograd.Function):
         q, k, values, out, lse = ctx.saved_tensors
         N, T, hs = q.shape
         scale = ctx.scale
-        grad_q, grad_k, grad_v = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(k)
+        grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(k)
         q_scaled, k_t, values_t = q * scale, k.transpose(1, 2), values.transpose(1, 2)
 
         # D_i = grad_out_i . out_i, the softmax backward's row term
@@ -101,8 +111,10 @@ class BlockwiseAttention(torch.autograd.Function):
         neg_lse = -lse.unsqueeze(-1)  # (N, T, 1)
         mask = _future_mask(BLOCK_ROWS, q.dtype, q.device)
         chunk = _head_chunk(N, T)
+        grad_q_chunks = []
         for h0 in range(0, N, chunk):
             heads = slice(h0, h0 + chunk)
+            grad_q_blocks = []
             for r0 in range(0, T, BLOCK_ROWS):
                 r1 = min(r0 + BLOCK_ROWS, T)
                 rows = slice(r0, r1)
@@ -113,14 +125,16 @@ class BlockwiseAttention(torch.autograd.Function):
                 probs.exp_()
 
                 # value gradient for v only, because extra gets none
-                grad_v[heads, :r1].baddbmm_(probs.transpose(1, 2), grad_out[heads, rows, :hs])
+                grad_v[heads, :r1] += torch.bmm(probs.transpose(1, 2), grad_out[heads, rows, :hs])
 
                 # score gradient p * (grad_out . values - D), then query and key gradients
                 grad_scores = torch.baddbmm(row_dot[heads, rows], grad_out[heads, rows], values_t[heads, :, :r1], beta=-1)
                 grad_scores.mul_(probs)  # (n, rows, r1)
-                torch.bmm(grad_scores, k[heads, :r1], out=grad_q[heads, rows])
-                grad_k[heads, :r1].baddbmm_(grad_scores.transpose(1, 2), q_scaled[heads, rows])
+                grad_q_blocks.append(torch.bmm(grad_scores, k[heads, :r1]))  # (n, rows, hs)
+                grad_k[heads, :r1] += torch.bmm(grad_scores.transpose(1, 2), q_scaled[heads, rows])
+            grad_q_chunks.append(torch.cat(grad_q_blocks, dim=1))
 
+        grad_q = torch.cat(grad_q_chunks)  # (N, T, hs)
         return grad_q.mul_(scale), grad_k, grad_v, None, None
 
 
