@@ -32,6 +32,9 @@ from harness.config import DataConfig, RunConfig, TrackingConfig
 from harness.lmeval_tasks import CORPUS_TASK, prepare_tasks, short_name
 
 log = logging.getLogger(__name__)
+# lm-eval logs one warning per request whose context it truncates to the model's length; on a T=128
+# model that is most requests of a task, so only its errors are shown
+logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
 
 ERROR_TAG = "harness.lmeval_error"  # run tag with the reason an lm-eval task failed
 RUN_ID = re.compile(r"[0-9a-f]{32}")  # an MLflow run id
