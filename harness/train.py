@@ -2,7 +2,7 @@
 
 Loss = CE + lambda * L_ent (the entropy regularizer from `entropy.start_step` on). Every eval interval:
 validation perplexity over full T-token chunks and head entropy statistics on a fixed validation batch.
-The loop knows nothing of Optuna: a study passes `on_eval`, which may raise to stop (prune) the run.
+The loop does not import Optuna: a study passes `on_eval`, which may raise to stop (prune) the run.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def build_model(cfg: RunConfig, vocab_size: int, device: torch.device) -> Entrop
 
 @torch.no_grad()
 def evaluate_perplexity(model, chunks: np.ndarray, batch_size: int, max_batches: int, device, dtype: str) -> tuple[float, float]:
-    """Return (mean CE in nats, perplexity) over full T-token chunks, the paper's metric.
+    """Return (mean CE in nats, perplexity) over full T-token chunks, the metric of Jha and Reagen (2025).
 
     Uses the first max_batches * batch_size chunks (all when max_batches is 0), so every evaluation
     of a run sees the same tokens. Under DDP each rank evaluates every world_size-th batch of them and
