@@ -149,7 +149,9 @@ def suggest(trial: optuna.Trial, spec: StudySpec) -> dict:
             params[p.key] = enqueued[p.key]
             trial.set_user_attr(f"reference.{p.key}", enqueued[p.key])
         elif p.type == "float":
-            params[p.key] = trial.suggest_float(p.key, p.low, p.high, log=p.log, step=p.step)
+            value = trial.suggest_float(p.key, p.low, p.high, log=p.log, step=p.step)
+            # a stepped float comes back as low + k * step (0.15000000000000002); log the value meant
+            params[p.key] = round(value, 12) if p.step is not None else value
         elif p.type == "int":
             params[p.key] = trial.suggest_int(p.key, int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
         elif p.type == "categorical":
