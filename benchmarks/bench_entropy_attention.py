@@ -40,6 +40,7 @@ import torch
 import harness.modeling as modeling
 from harness.config import load_config
 from harness.modeling import EntropyGPTForCausalLM, model_config_from_run
+from released import released_entropy_loss
 
 MODES = ("plain", "fused", "released")
 LOSS_COEFF = 1e-5
@@ -62,22 +63,6 @@ def eager_attention_keeping_probs(store: list):
         return probs @ v, None  # (B, nh, T, hs)
 
     return attention
-
-
-def released_entropy_loss(attentions, thresholds, n_head, context_size, tolerance=0.2):
-    """Return loss_coeff * L_ent computed as the released EntropyRegularization.compute_loss does."""
-    max_entropy = math.log(context_size)
-    tol = tolerance * max_entropy
-    total = 0.0
-    for layer, attn in enumerate(attentions):
-        ent = -torch.nansum(attn * torch.log(attn + 1e-9), dim=-1)  # (B, H, T)
-        layer_loss = 0.0
-        for head in range(n_head):
-            deviation = ent[:, head, :] - thresholds[layer][head] * max_entropy
-            penalty = torch.where(deviation.abs() > tol, deviation.square(), torch.zeros_like(deviation))
-            layer_loss = layer_loss + penalty.sum()
-        total = total + layer_loss / n_head
-    return LOSS_COEFF * total / len(attentions)
 
 
 # -----------------------------------------------------------------------------
@@ -109,7 +94,7 @@ def train_step(mode: str, model, optimizer, tokens, dtype) -> None:
                 loss = loss + LOSS_COEFF * out.entropy_loss
             if mode == "released":
                 thresholds = [block.attn.reg_threshold_weights for block in model.transformer.h]
-                loss = loss + released_entropy_loss(store, thresholds, model.config.n_head, tokens.shape[1])
+                loss = loss + released_entropy_loss(store, thresholds, model.config.n_head, tokens.shape[1], LOSS_COEFF)
         loss.backward()
     finally:
         modeling.causal_attention = original

@@ -34,25 +34,10 @@ import torch  # noqa: E402
 from harness.config import load_config  # noqa: E402
 from harness.data import batch_iterator, prepare_data  # noqa: E402
 from harness.train import _train_step, build_model, build_optimizer, build_scheduler, seed_everything  # noqa: E402
+from released import released_entropy_loss  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Training loop against Trainer with the released approach"
-
-
-def released_entropy_loss(attentions, thresholds, n_head: int, n_layer: int, loss_coeff: float, tolerance: float):
-    """The released loss arithmetic: log(p + 1e-9), nansum, a Python loop over heads."""
-    max_entropy = torch.log(torch.tensor(float(attentions[0].shape[-1])))
-    margin = tolerance * max_entropy
-    total = 0.0
-    for layer, attn in enumerate(attentions):
-        ent = -torch.nansum(attn * torch.log(attn + 1e-9), dim=-1)  # (B, H, T)
-        layer_loss = 0.0
-        for head in range(n_head):
-            deviation = ent[:, head, :] - thresholds[layer][head] * max_entropy
-            kept = torch.where(deviation.abs() > margin, deviation, torch.zeros_like(deviation))
-            layer_loss = layer_loss + kept.square().sum()
-        total = total + layer_loss / n_head
-    return loss_coeff * total / n_layer
 
 
 def time_ours(cfg, data, steps: int, warmup: int) -> float:
@@ -90,12 +75,12 @@ def time_released(cfg, data, steps: int, warmup: int) -> float:
     seed_everything(cfg.train.seed)
     model = build_model(cfg, len(data.tokenizer), torch.device("cpu")).train()
     thresholds = [block.attn.reg_threshold_weights for block in model.transformer.h]
-    n_head, n_layer = model.config.n_head, model.config.n_layer
+    n_head = model.config.n_head
 
     class ReleasedTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             outputs = model(**inputs, output_attentions=True, return_entropy=False)
-            reg = released_entropy_loss(outputs.attentions, thresholds, n_head, n_layer,
+            reg = released_entropy_loss(outputs.attentions, thresholds, n_head, cfg.data.context_length,
                                         cfg.entropy.loss_coeff, cfg.entropy.tolerance)
             loss = outputs.loss + reg
             return (loss, outputs) if return_outputs else loss

@@ -63,7 +63,7 @@ class EntropyConfig:
     loss_coeff: float = 0.0  # lambda; 0 turns the regularizer off
     tolerance: float = 0.2  # gamma: deviations within gamma * E_max are not penalized
     threshold_init: float = 0.5  # initial theta(l, h), a fraction of E_max
-    reduction: str = "row_sum"  # row_sum (released code) or head_mean (the paper's algorithm)
+    reduction: str = "row_sum"  # row_sum (the authors' released code) or head_mean (the algorithm of arXiv 2501.03489)
     max_entropy: str = "log_t"  # log_t (log of the context length) or causal (log i for row i)
     start_step: int = 0  # the regularizer is added from this training step on
 

@@ -5,9 +5,9 @@ pruning report at every eval interval, evaluates, and closes its MLflow run with
 A failing trial never stops the study. A worker that dies leaves its trial RUNNING only until the
 heartbeat grace period passes. Then a live worker or the next start marks it failed and enqueues a retry.
 
-Any number of worker processes, on any machines that reach the storage, join one study: the process
-that creates the study creates its MLflow parent run and enqueues the reference trials, and the
-others wait for that parent run and share it.
+Any number of worker processes, on any machines that reach the storage, join one study. The process
+that creates the study creates its MLflow parent run and enqueues the reference trials. The other
+workers wait for that parent run and share it.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def create_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
 
 
 def _outside(p, value) -> bool:
-    """Whether an enqueued value lies outside a numeric dimension (e.g. lambda = 0 on a log range)."""
+    """Check whether an enqueued value lies outside a numeric dimension (e.g. lambda = 0 on a log range)."""
     if p.type not in ("float", "int") or not isinstance(value, (int, float)):
         return False
     return value < p.low or value > p.high or (p.log and value <= 0)
@@ -331,7 +331,7 @@ def run_worker(spec: StudySpec, parent_run_id: str, reseed: bool = False) -> lis
             return numbers
         if spec.n_trials and finished + running >= spec.n_trials:
             if not waits_for_others:
-                # NOTE: without a heartbeat a dead worker's trial is never failed, so waiting could last forever
+                # NOTE: journal storage has no heartbeat, so a dead worker's trial stays RUNNING and waiting would not end
                 return numbers
             # the rest of the budget runs elsewhere: wait, failing trials whose worker died
             time.sleep(HEARTBEAT_SECONDS)

@@ -99,7 +99,7 @@ def bootstrap_interval(a: np.ndarray, b: np.ndarray, resamples: int = BOOTSTRAP_
 
 @dataclass
 class Comparison:
-    """A regularized group against the unregularized group of the same architecture."""
+    """Comparison of a regularized group with the unregularized group of the same architecture."""
 
     regularized: Group | None
     reference: Group | None

@@ -112,7 +112,7 @@ def evaluate_perplexity(model, chunks: np.ndarray, batch_size: int, max_batches:
     """Return (mean CE in nats, perplexity) over full T-token chunks, the metric of Jha and Reagen (2025).
 
     Uses the first max_batches * batch_size chunks (all when max_batches is 0), so every evaluation
-    of a run sees the same tokens. Under DDP each rank evaluates every world_size-th batch of them and
+    of a run uses the same tokens. Under DDP each rank evaluates every world_size-th batch of them and
     the sums are added over ranks, so every rank returns the perplexity of all those chunks.
     """
     was_training = model.training
@@ -243,7 +243,7 @@ def train(
     """Train one model on `data` (prepared from cfg.data when None) and return its final numbers.
 
     tracker: a RunTracker or None. on_eval(step, metrics) runs after every evaluation and may raise to
-    stop the run (a study prunes this way); the exception propagates after the metrics are flushed.
+    stop the run, which is how a study prunes. The exception propagates after the metrics are flushed.
 
     Under torchrun (WORLD_SIZE > 1) every rank calls train(): train.batch_size is the batch of one
     rank, so a step sees a global batch of batch_size * world_size chunks, the same chunks that one

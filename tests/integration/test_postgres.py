@@ -10,7 +10,7 @@ Covers:
   leaves no process behind.
 
 The server comes from `make test` (scripts/postgres.sh start). Run alone, the module starts it with
-the same script when the default URL does not answer, and stops it at the end. When no server can
+the same script when the default URL does not respond, and stops it at the end. When no server can
 start, every test here is skipped with the error. Each test gets its own database, dropped afterwards.
 The corpus is the `email` package of the running interpreter's standard library (real code, small).
 """
